@@ -17,6 +17,7 @@ from engine.cli import base_parser, resolve_run_config, run_main, write_run_conf
 from engine.config import LOG_DEFAULTS, TRAIN_DEFAULTS, data_defaults
 from engine.errors import TesseraError
 from engine.train_loop import Trainer
+from samplers.logits import check_sampling_kwargs
 
 PRIOR_TRAIN_DEFAULTS = dict(TRAIN_DEFAULTS, betas=[0.9, 0.95], weight_decay=0.05)
 
@@ -97,6 +98,7 @@ def train(args, cfg, env):
     cfg.tokenizer = str(tok_dir.resolve())
     cfg.num_classes = num_classes_of(cfg, images)
     prior = build_prior(cfg.model, tokenizer, num_classes=cfg.num_classes)
+    cfg.sampling = check_sampling_kwargs(dict(cfg.sampling), getattr(prior, "sampling_defaults", None))
     if cfg.train.grad_checkpointing and hasattr(prior, "set_grad_checkpointing"):
         prior.set_grad_checkpointing(True)
     write_run_config(cfg, args.run_dir, env.is_main)

@@ -134,7 +134,7 @@ def run(args, env):
 
     prior, tokenizer, cfg = load_prior(args.prior, env.device, use_ema=not args.no_ema)
     sampling = OmegaConf.to_container(OmegaConf.merge(cfg.get("sampling", {}), OmegaConf.from_dotlist(args.overrides)))
-    check_sampling_kwargs(sampling)
+    sampling = check_sampling_kwargs(sampling, getattr(prior, "sampling_defaults", None))
     num_classes = int(cfg.get("num_classes") or 0)
     if args.fixed_class is not None and not 0 <= args.fixed_class < max(num_classes, 1):
         raise TesseraError(f"--class {args.fixed_class} is out of range: the prior has {num_classes} classes")

@@ -1,8 +1,9 @@
 """Config loading: OmegaConf YAML + dotlist overrides, checked against a schema of known keys.
 
-Sections with a fixed schema (``train``, ``data``, ``log``, ``sampling``) reject unknown keys at load
-time. The ``model`` section is free-form here and checked against the registered class's constructor
-when the model is built (see ``models.build_tokenizer`` / ``models.build_prior``).
+Sections with a fixed schema (``train``, ``data``, ``log``, ``loss``) reject unknown keys at load time.
+``model`` and ``sampling`` are free-form here and checked once the class is known: ``model`` against the
+registered class's constructor (``models.build_tokenizer`` / ``models.build_prior``), ``sampling`` against
+the shared options plus the prior's own ``sampling_defaults`` (``samplers.logits.check_sampling_kwargs``).
 """
 
 from pathlib import Path
@@ -45,10 +46,13 @@ def data_defaults() -> dict:
     return dict(DATA_DEFAULTS)
 
 
+FREE_SECTIONS = ("model", "sampling")
+
+
 def _schema(sections: dict) -> DictConfig:
     schema = OmegaConf.create({k: v for k, v in sections.items()})
     for key, value in sections.items():
-        if key != "model" and isinstance(value, dict):
+        if key not in FREE_SECTIONS and isinstance(value, dict):
             OmegaConf.set_struct(schema[key], True)
     return schema
 

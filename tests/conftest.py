@@ -24,3 +24,18 @@ def run_cli(*args, env_extra=None, check=True, timeout=900):
     if check and out.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({out.returncode}):\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
     return out
+
+
+SHAPES_VQ_TEST = ["model.autoencoder.ch=32", "train.batch_size=16", "train.max_steps=400", "train.log_every=50",
+                  "train.ckpt_every=400"]
+
+
+@pytest.fixture(scope="session")
+def shapes_vq(tmp_path_factory):
+    """A VQ tokenizer trained briefly on the shapes set (8x8 codes, 512 codes; about 24 dB PSNR), with its
+    token cache in RUN_DIR/cache/train. Shared by every prior test that consumes VQ codes."""
+    run_dir = tmp_path_factory.mktemp("shapes-vq") / "run"
+    run_cli("main_tokenizer.py", "--config", "configs/shapes/tokenizer/vq.yaml", "--run-dir", run_dir,
+            *SHAPES_VQ_TEST)
+    run_cli("main_tokenizer.py", "--cache", "--run-dir", run_dir)
+    return run_dir

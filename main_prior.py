@@ -5,7 +5,9 @@
         --tokenizer runs/vqgan --run-dir runs/gpt_b train.cache=runs/vqgan/cache/train
 
 Tokens come from the token cache when ``train.cache`` is set (written by main_tokenizer.py --cache;
-flips are precomputed variants), otherwise the tokenizer encodes each batch on the fly.
+flips are precomputed variants), otherwise the tokenizer encodes each batch on the fly. With
+``data.captions`` set (a text prior) the items are (tokens, caption) pairs, looked up in the cache by
+image file, and the condition is ``{"text": captions}``.
 """
 
 from pathlib import Path
@@ -16,6 +18,7 @@ from engine import dist
 from engine.cli import base_parser, resolve_run_config, run_main, write_run_config
 from engine.config import LOG_DEFAULTS, TRAIN_DEFAULTS, data_defaults
 from engine.errors import TesseraError
+from engine.seed import seed_everything
 from engine.train_loop import Trainer
 from samplers.logits import check_sampling_kwargs
 
@@ -95,9 +98,17 @@ def train(args, cfg, env):
     if from_cache and len(dataset) != len(images):
         raise TesseraError(f"token cache {cfg.train.cache} has {len(dataset)} items, the dataset {len(images)}; "
                            f"re-run main_tokenizer.py --cache")
+    with_captions = cfg.data.get("captions") is not None  # text prior: (tokens, caption) pairs, no classes
+    if with_captions:
+        from data import caption_training_set
+
+        dataset = caption_training_set(cfg.data, images, dataset if from_cache else None)
     cfg.tokenizer = str(tok_dir.resolve())
-    cfg.num_classes = num_classes_of(cfg, images)
+    cfg.num_classes = 0 if with_captions else num_classes_of(cfg, images)
+    seed_everything(int(cfg.train.seed))  # the same initial weights on every process and every run
     prior = build_prior(cfg.model, tokenizer, num_classes=cfg.num_classes)
+    if with_captions and "text" not in prior.conditions:
+        raise TesseraError(f"data.captions is set but prior '{cfg.model.target}' takes no text; unset data.captions")
     cfg.sampling = check_sampling_kwargs(dict(cfg.sampling), getattr(prior, "sampling_defaults", None))
     if cfg.train.grad_checkpointing and hasattr(prior, "set_grad_checkpointing"):
         prior.set_grad_checkpointing(True)
@@ -105,9 +116,10 @@ def train(args, cfg, env):
     trainer = Trainer(PriorTask(prior, tokenizer, from_cache), cfg, Path(args.run_dir), env)
     t = cfg.train
     loader = step_loader(dataset, global_batch=int(t.batch_size), grad_accum=int(t.grad_accum), rank=env.rank,
-                         world_size=env.world_size, seed=int(t.seed), flip=bool(cfg.data.random_flip),
+                         world_size=env.world_size, seed=int(t.seed),
+                         flip=bool(cfg.data.random_flip) and not with_captions,  # caption sets hold their flips
                          start_step=trainer.step, max_steps=int(t.max_steps), num_workers=int(t.num_workers),
-                         variants=from_cache)
+                         variants=from_cache and not with_captions)
     if env.is_main:
         n_params = sum(p.numel() for p in prior.parameters())
         print(f"prior {cfg.model.target}: {n_params / 1e6:.2f}M parameters, tokens {tuple(tokenizer.token_shape)}, "

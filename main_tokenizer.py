@@ -6,6 +6,7 @@
     python main_tokenizer.py --eval --run-dir runs/vq          # PSNR, SSIM, LPIPS, codebook usage (+ rFID)
     python main_tokenizer.py --reconstruct --run-dir runs/vq   # original | reconstruction grid PNG
     python main_tokenizer.py --cache --run-dir runs/vq         # token cache (with flips) for prior training
+    python main_tokenizer.py --remap --run-dir runs/vq         # codes_used.npy (needs the cache) for model.remap
 """
 
 import collections
@@ -18,6 +19,7 @@ from engine import dist
 from engine.cli import base_parser, resolve_run_config, run_main, signature_defaults, write_run_config
 from engine.config import LOG_DEFAULTS, TRAIN_DEFAULTS, data_defaults
 from engine.errors import TesseraError
+from engine.seed import seed_everything
 from engine.train_loop import Trainer
 from models.tokenizers.losses import TokenizerLoss
 
@@ -84,6 +86,7 @@ def train(args, cfg, env):
     from models import build_tokenizer
 
     dataset = build_data(cfg, "train")
+    seed_everything(int(cfg.train.seed))  # the same initial weights on every process and every run
     tokenizer = build_tokenizer(cfg.model)
     check_resolution(cfg, tokenizer)
     if cfg.train.grad_checkpointing:
@@ -173,12 +176,22 @@ def cache(args, cfg, env):
             print(f"wrote {path}")
 
 
+def remap(args):
+    from data.cache import write_codes_used
+
+    run = Path(args.run_dir)
+    path, count = write_codes_used(run / "cache" / "train", run / "codes_used.npy")
+    print(f"wrote {path}: {count} codes used; train a prior on them with model.remap={path.resolve()}")
+
+
 def main():
     p = base_parser(__doc__.splitlines()[0])
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--eval", action="store_true", help="reconstruction metrics on --split")
     mode.add_argument("--reconstruct", action="store_true", help="write an original | reconstruction grid")
     mode.add_argument("--cache", action="store_true", help="encode the training set (and its flips) to tokens")
+    mode.add_argument("--remap", action="store_true",
+                      help="write RUN_DIR/codes_used.npy: the codes RUN_DIR/cache/train uses (for model.remap)")
     p.add_argument("--split", default="val")
     p.add_argument("--cache-splits", default="train")
     p.add_argument("--num-images", type=int, default=None)
@@ -187,7 +200,7 @@ def main():
     p.add_argument("--inception-weights", default=None, help="pt_inception weights file, for rFID")
     p.add_argument("--lpips-weights", default=None, help="torchvision VGG16 weights file, for LPIPS")
     args = p.parse_args()
-    training = not (args.eval or args.reconstruct or args.cache)
+    training = not (args.eval or args.reconstruct or args.cache or args.remap)
     cfg = resolve_run_config(args, sections(), training)
     env = dist.setup(args.local_rank, args.device)
     try:
@@ -198,6 +211,9 @@ def main():
         elif args.reconstruct:
             if env.is_main:
                 reconstruct(args, cfg, env)
+        elif args.remap:
+            if env.is_main:
+                remap(args)
         else:
             cache(args, cfg, env)
     finally:

@@ -165,9 +165,16 @@ class Trainer:
     # ---- the loop ----------------------------------------------------------------------------
     def fit(self, loader) -> None:
         t = self.tcfg
+        pbar = tqdm(total=int(t.max_steps), initial=self.step, disable=not self.env.is_main, dynamic_ncols=True)
+        try:
+            self._fit(loader, pbar)
+        finally:
+            pbar.close()  # so an error message starts on a line of its own
+
+    def _fit(self, loader, pbar) -> None:
+        t = self.tcfg
         device = self.env.device
         accum = int(t.grad_accum)
-        pbar = tqdm(total=int(t.max_steps), initial=self.step, disable=not self.env.is_main, dynamic_ncols=True)
         micro_iter = iter(loader)
         sums, count, t0, images = {}, 0, time.time(), 0
         while self.step < t.max_steps:
@@ -220,7 +227,6 @@ class Trainer:
                 sums, count, t0, images = {}, 0, time.time(), 0
             if self.step % t.ckpt_every == 0 or self.step == t.max_steps:
                 self.save()
-        pbar.close()
 
     def _log(self, sums, count, lr, ips, pbar) -> None:
         keys = sorted(sums)

@@ -10,17 +10,6 @@ from engine.errors import TesseraError
 from models.registry import PRIORS, TOKENIZERS, lookup
 
 
-def _import_all() -> None:
-    """Importing a model module registers it."""
-    import importlib
-    import pkgutil
-
-    for sub in ("models.tokenizers", "models.priors"):
-        pkg = importlib.import_module(sub)
-        for info in pkgutil.iter_modules(pkg.__path__):
-            importlib.import_module(f"{sub}.{info.name}")
-
-
 def _construct(cls, params: dict, section: str, **extra):
     try:
         inspect.signature(cls).bind(**extra, **params)
@@ -47,14 +36,12 @@ def _params(model_cfg) -> tuple[str, dict]:
 
 
 def build_tokenizer(model_cfg):
-    _import_all()
     name, params = _params(model_cfg)
     return _construct(lookup(TOKENIZERS, name, "tokenizer"), params, "model")
 
 
 def build_prior(model_cfg, tokenizer, num_classes: int = 0):
     """The prior sees the tokenizer through token_shape, codebook_size and kind (checked against accepts)."""
-    _import_all()
     name, params = _params(model_cfg)
     cls = lookup(PRIORS, name, "prior")
     if tokenizer.kind not in cls.accepts:

@@ -26,8 +26,7 @@ def run_cli(*args, env_extra=None, check=True, timeout=900):
     return out
 
 
-SHAPES_VQ_TEST = ["model.autoencoder.ch=32", "train.batch_size=16", "train.max_steps=400", "train.log_every=50",
-                  "train.ckpt_every=400"]
+SHAPES_VQ_TEST = ["train.max_steps=400", "train.log_every=50", "train.ckpt_every=400"]
 
 
 @pytest.fixture(scope="session")

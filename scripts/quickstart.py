@@ -50,7 +50,8 @@ def main():
          ["main_sample.py", "--prior", str(gpt), "--num-samples", str(args.num_samples), "--out", str(samples),
           "--batch-size", "100", "--gif"], times)
     metrics_json = out / "metrics.json"
-    fid_args = ["compute_fid.py", str(samples.with_suffix(".npz")), "data:shapes", "--shapes", "--json",
+    fid_args = ["compute_fid.py", str(samples.with_suffix(".npz")), "configs/shapes/tokenizer/vq.yaml:val",
+                "--shapes", "--json",
                 str(metrics_json)]
     if args.inception_weights:
         fid_args += ["--inception-weights", args.inception_weights]
@@ -65,8 +66,8 @@ def main():
         ("tokenizer PSNR (val)", f"{tok['psnr']:.2f} dB"),
         ("tokenizer codebook usage", f"{100 * tok['codebook_usage']:.1f} %"),
         ("samples", f"{args.num_samples}"),
-        ("class accuracy (shapes classifier)", f"{100 * met.get('shapes_accuracy', float('nan')):.1f} %"),
-        ("shapes-FID vs val", f"{met.get('shapes_fid', float('nan')):.3f}"),
+        ("class accuracy (shapes classifier)", f"{100 * met['shapes']['accuracy']:.1f} %"),
+        ("shapes-FID vs val", f"{met['shapes']['fid']:.3f}"),
     ]
     if "fid" in met:
         rows.append(("Inception FID", f"{met['fid']:.2f}"))

@@ -163,3 +163,18 @@ def test_nan_loss_stops_and_keeps_last_good(tmp_path):
     assert "step" in line
     assert load(os.path.join(run_dir, "checkpoints", "last.pt"))["step"] >= 2
     assert final_state(run_dir).keys() == good.keys()
+
+
+def test_gan_phase_trains_the_discriminator_after_disc_start(tmp_path):
+    import json
+
+    run_dir = tmp_path / "gan"
+    gan = ["loss.disc_enabled=true", "loss.disc_start=2", "loss.disc_ndf=8", "loss.disc_layers=2",
+           "loss.disc_norm=group", "train.max_steps=4", "train.ckpt_every=2"]
+    run_cli(*tiny_args(str(run_dir), *gan))
+    records = [json.loads(line) for line in open(run_dir / "log.jsonl")]
+    assert "d_loss" not in records[1] and "g_loss" not in records[1]  # step 2: discriminator still off
+    assert "d_loss" in records[3] and records[3]["d_weight"] > 0
+    state = load(run_dir / "checkpoints" / "last.pt")
+    assert set(state["optimizers"]) == {"ae", "disc"} and state["optimizers"]["disc"]["state"]
+    assert "disc" in state["modules"]

@@ -6,13 +6,12 @@ clamped to [0, 1e4] and scaled by ``disc_weight`` (the published adaptive weight
 the discriminator is neither run nor trained, so its BatchNorm statistics do not drift.
 """
 
-import functools
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from engine import dist
+from models.tokenizers.autoencoder import group_norm
 
 
 class NLayerDiscriminator(nn.Module):
@@ -20,7 +19,7 @@ class NLayerDiscriminator(nn.Module):
 
     def __init__(self, in_channels: int = 3, ndf: int = 64, n_layers: int = 3, norm: str = "batch"):
         super().__init__()
-        norm_layer = {"batch": nn.BatchNorm2d, "group": functools.partial(nn.GroupNorm, 32)}[norm]
+        norm_layer = {"batch": nn.BatchNorm2d, "group": group_norm}[norm]
         layers = [nn.Conv2d(in_channels, ndf, 4, 2, 1), nn.LeakyReLU(0.2, True)]
         mult = 1
         for n in range(1, n_layers + 1):

@@ -9,6 +9,13 @@ processes or the batch size. Re-running the same command skips the indices alrea
 class-conditional prior are balanced: sample i has class i mod num_classes (N / num_classes per class).
 Outputs: OUT/images/{i:06d}.png, OUT.npz (arr_0 uint8 [N, H, W, 3], arr_1 int64 labels), OUT/grid.png,
 OUT/decoding.gif (with --gif).
+
+Inpainting (priors with ``supports_inpainting``, e.g. sundae): every sample completes the same image,
+
+    python main_sample.py --prior runs/sundae --num-samples 16 --out samples/fill --inpaint img.png --mask mask.png
+
+mask: white = known pixel, black = hole. A token cell is known only if its whole pixel patch is known; known
+cells keep the image's codes, the others are generated. Also writes OUT/masked.png (the input, holes grey).
 """
 
 import json
@@ -65,6 +72,13 @@ class Generator:
         self.rejection_n = int(sampling.pop("rejection_n", 1))
         self.sampling = sampling
         self.classifier = classifier
+        self.known = None  # inpainting: {"known_tokens": [1, ...], "known_mask": [1, h, w]}
+
+    def known_for(self, n: int) -> dict:
+        """The inpainting keyword arguments for a batch of n rows ({} when not inpainting)."""
+        if self.known is None:
+            return {}
+        return {k: v.expand(n, *v.shape[1:]) for k, v in self.known.items()}
 
     def cond(self, labels, captions, repeat=1):
         cond = {}
@@ -79,14 +93,16 @@ class Generator:
         """-> images [B, 3, H, W] in [-1, 1] (and trace states when asked)."""
         if self.rejection_n <= 1:
             gens = streams(self.seed, indices, self.device)
-            out = self.prior.sample(self.cond(labels, captions), gens, trace=trace, **self.sampling)
+            out = self.prior.sample(self.cond(labels, captions), gens, trace=trace, **self.sampling,
+                                    **self.known_for(len(indices)))
             tokens, states = out if trace else (out, None)
             x = self.tokenizer.decode(tokens)
             return (x, states) if trace else x
         # best-of-n: candidate j of sample i draws from a stream seeded by (seed of sample i, j)
         n = self.rejection_n
         gens = [g for i in indices for g in streams(sample_seed(self.seed, i), range(n), self.device)]
-        tokens = self.prior.sample(self.cond(labels, captions, repeat=n), gens, **self.sampling)
+        tokens = self.prior.sample(self.cond(labels, captions, repeat=n), gens, **self.sampling,
+                                   **self.known_for(len(gens)))
         x = self.tokenizer.decode(tokens)
         probs = self.classifier(x).reshape(len(indices), n, -1)
         x = x.reshape(len(indices), n, *x.shape[1:])
@@ -110,6 +126,8 @@ def main():
     p.add_argument("--gif", action="store_true", help="also write OUT/decoding.gif of the first batch")
     p.add_argument("--classifier", default=None,
                    help="rejection classifier: 'shapes' or 'torchvision:ARCH:WEIGHTS.pth' (with sampling.rejection_n)")
+    p.add_argument("--inpaint", default=None, metavar="IMAGE", help="complete this image (needs --mask)")
+    p.add_argument("--mask", default=None, help="inpainting mask image: white = known, black = hole to fill")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA ones")
     p.add_argument("--local-rank", "--local_rank", type=int, default=None, dest="local_rank", help=argparse.SUPPRESS)
     p.add_argument("--device", default=None)
@@ -120,6 +138,8 @@ def main():
     bad = [o for o in args.overrides if not o.startswith("sampling.") or "=" not in o]
     if bad:
         raise TesseraError(f"override '{bad[0]}' is not a sampling.KEY=VALUE override")
+    if (args.inpaint is None) != (args.mask is None):
+        raise TesseraError("--inpaint IMAGE and --mask MASK go together; pass both")
 
     env = dist.setup(args.local_rank, args.device)
     try:
@@ -133,7 +153,8 @@ def run(args, env):
     from samplers.rejection import load_classifier
 
     prior, tokenizer, cfg = load_prior(args.prior, env.device, use_ema=not args.no_ema)
-    sampling = OmegaConf.to_container(OmegaConf.merge(cfg.get("sampling", {}), OmegaConf.from_dotlist(args.overrides)))
+    overrides = OmegaConf.from_dotlist(args.overrides).get("sampling", {})
+    sampling = OmegaConf.to_container(OmegaConf.merge(cfg.get("sampling", {}), overrides))
     sampling = check_sampling_kwargs(sampling, getattr(prior, "sampling_defaults", None))
     num_classes = int(cfg.get("num_classes") or 0)
     if args.fixed_class is not None and not 0 <= args.fixed_class < max(num_classes, 1):
@@ -147,6 +168,8 @@ def run(args, env):
         classifier = load_classifier(args.classifier or ("shapes" if cfg.data.name == "shapes" else None), cfg,
                                      env.device)
     gen = Generator(prior, tokenizer, sampling, args.seed, env.device, classifier)
+    if args.inpaint is not None:
+        gen.known = inpaint_setup(args, prior, tokenizer, cfg, env)
 
     out = Path(args.out)
     img_dir = out / "images"
@@ -179,6 +202,21 @@ def run(args, env):
         finish(args, out, img_dir, num_classes, gen)
 
 
+def inpaint_setup(args, prior, tokenizer, cfg, env) -> dict:
+    """Encode --inpaint / --mask into the prior's known codes; the main process writes OUT/masked.png."""
+    from samplers.inpaint import inpaint_inputs
+
+    if not getattr(prior, "supports_inpainting", False):
+        raise TesseraError(f"prior '{cfg.model.target}' cannot inpaint; use a prior that supports it (sundae)")
+    known = inpaint_inputs(tokenizer, args.inpaint, args.mask, env.device)
+    if env.is_main:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        masked = torch.where(known["known_pixels"][:, None], known["image"], torch.zeros_like(known["image"]))
+        save_png(to_uint8(masked)[0], Path(args.out) / "masked.png")
+        print(f"inpainting: {int(known['known_mask'].sum())} of {known['known_mask'].numel()} token cells known")
+    return {"known_tokens": known["known_tokens"], "known_mask": known["known_mask"]}
+
+
 def finish(args, out: Path, img_dir: Path, num_classes: int, gen: Generator) -> None:
     files = [img_dir / f"{i:06d}.png" for i in range(args.num_samples)]
     missing = [f for f in files if not f.exists()]
@@ -205,7 +243,9 @@ def finish(args, out: Path, img_dir: Path, num_classes: int, gen: Generator) -> 
         idx = list(range(k))
         labels = labels_for(idx, num_classes, args.fixed_class)
         gens = streams(args.seed, idx, gen.device)
-        tokens, states = gen.prior.sample(gen.cond(labels, None), gens, trace=True, **gen.sampling)
+        caps = load_captions(args.captions, k) if args.captions else None
+        tokens, states = gen.prior.sample(gen.cond(labels, caps), gens, trace=True, **gen.sampling,
+                                          **gen.known_for(k))
         decoding_gif(states, gen.tokenizer.decode, out / "decoding.gif")
         print(f"wrote {out / 'decoding.gif'} ({len(states)} frames)")
 

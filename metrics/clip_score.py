@@ -52,7 +52,8 @@ def clip_preprocess(x: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def clip_score(model, images, captions: list[str], batch_size: int = 64) -> dict:
-    """model: an open_clip CLIP (models.conditioners.build_clip) -> {"clip_score", "clip_cosine", "num_pairs"}."""
+    """model: an open_clip CLIP (models.conditioners.build_clip) ->
+    {"clip_score", "clip_cosine", "num_pairs", "per_pair": the cosine of every (image, caption) pair}."""
     import open_clip
 
     if len(images) != len(captions):
@@ -69,7 +70,7 @@ def clip_score(model, images, captions: list[str], batch_size: int = 64) -> dict
         cosines.append((img * txt).sum(-1).cpu())
     cos = torch.cat(cosines).double()
     return {"clip_score": float(100 * cos.clamp_min(0).mean()), "clip_cosine": float(cos.mean()),
-            "num_pairs": int(cos.numel())}
+            "num_pairs": int(cos.numel()), "per_pair": cos.tolist()}
 
 
 def read_captions(path, n: int) -> list[str]:
@@ -100,5 +101,6 @@ def clip_score_of(samples, captions_file, clip_weights=None, device="cpu", batch
     source = open_images(samples)
     captions = read_captions(captions_file, len(source))
     model = build_clip(clip_weights, allow_random=allow_random).to(device)
-    images = source.read_all()
-    return clip_score(model, images, captions, batch_size=batch_size)
+    out = clip_score(model, source.read_all(), captions, batch_size=batch_size)
+    out.pop("per_pair")
+    return out

@@ -85,10 +85,10 @@ def train(args, cfg, env):
     from engine.batches import step_loader
     from models import build_tokenizer
 
-    dataset = build_data(cfg, "train")
     seed_everything(int(cfg.train.seed))  # the same initial weights on every process and every run
     tokenizer = build_tokenizer(cfg.model)
     check_resolution(cfg, tokenizer)
+    dataset = build_data(cfg, "train")
     if cfg.train.grad_checkpointing:
         tokenizer.set_grad_checkpointing(True)
     loss = TokenizerLoss(**cfg.loss)

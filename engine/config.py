@@ -32,7 +32,7 @@ TRAIN_DEFAULTS = dict(
     fused_adam=True,  # fused AdamW where the device supports it
     log_every=50,
     ckpt_every=1000,
-    keep_every=0,  # also keep checkpoints/step_XXXXXXX.pt every N steps; 0 keeps only last.pt
+    keep_every=0,  # also keep checkpoints/step_NNNNNNN.pt every N steps; 0 keeps only last.pt
     num_workers=0,
     cache=None,  # prior training: path of a token cache written by main_tokenizer.py --cache
 )

@@ -82,27 +82,25 @@ def time_training(prior, tokenizer, batch, device, steps):
     return ips
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    """The flags that pick a prior: a trained run directory, or prior + tokenizer configs with random weights."""
     p.add_argument("--prior", help="prior config (random weights)")
     p.add_argument("--tokenizer", help="tokenizer config (random weights)")
     p.add_argument("--prior-run", help="a trained prior run directory instead of configs")
     p.add_argument("--num-classes", type=int, default=8)
-    p.add_argument("--batch-sizes", default="1,16,64")
-    p.add_argument("--repeats", type=int, default=2)
-    p.add_argument("--train-batch", type=int, default=32)
-    p.add_argument("--train-steps", type=int, default=5)
-    p.add_argument("--no-train", action="store_true")
     p.add_argument("--sampling", nargs="*", default=[], help="sampling overrides key=value")
-    p.add_argument("--label", default=None, help="row label (default: the prior config name)")
-    p.add_argument("--append", default=None, help="append the results to this markdown file")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = p.parse_args()
+
+
+def load_model(args) -> tuple:
+    """-> (prior, tokenizer, sampling kwargs: the run's or config's, overridden by --sampling, checked)."""
     device = torch.device(args.device)
     if args.prior_run:
         prior, tokenizer, cfg = load_prior(args.prior_run, device)
         sampling = dict(cfg.sampling)
     else:
+        if not (args.prior and args.tokenizer):
+            raise SystemExit("give --prior-run RUN_DIR, or both --prior and --tokenizer configs")
         pcfg, tcfg = OmegaConf.load(args.prior), OmegaConf.load(args.tokenizer)
         tokenizer = build_tokenizer(tcfg.model).to(device).eval()
         prior = build_prior(pcfg.model, tokenizer, num_classes=args.num_classes).to(device).eval()
@@ -110,6 +108,32 @@ def main():
     sampling.update(OmegaConf.to_container(OmegaConf.from_dotlist(args.sampling)))
     sampling = check_sampling_kwargs(sampling, getattr(prior, "sampling_defaults", None))
     sampling.pop("rejection_n", None)
+    return prior, tokenizer, sampling
+
+
+def append_section(path: str, title: str, body: str) -> None:
+    """Append '### title — date — machine', the command line and ``body`` to a markdown file."""
+    path = Path(path)
+    if not path.exists():
+        path.write_text("# Benchmarks\n\nMeasured figures, newest last, each with its command and machine.\n")
+    cmd = "python " + " ".join(sys.argv)
+    with open(path, "a") as f:
+        f.write(f"\n### {title} — {datetime.date.today()} — {machine()}\n\n`{cmd}`\n\n{body}\n")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_model_args(p)
+    p.add_argument("--batch-sizes", default="1,16,64")
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--train-batch", type=int, default=32)
+    p.add_argument("--train-steps", type=int, default=5)
+    p.add_argument("--no-train", action="store_true")
+    p.add_argument("--label", default=None, help="row label (default: the prior config name)")
+    p.add_argument("--append", default=None, help="append the results to this markdown file")
+    args = p.parse_args()
+    device = torch.device(args.device)
+    prior, tokenizer, sampling = load_model(args)
     label = args.label or Path(args.prior or args.prior_run).stem
     n_params = sum(p.numel() for p in prior.parameters())
     rows = []
@@ -134,10 +158,8 @@ def main():
     print("| config | what | images/s |\n|---|---|---|")
     print("\n".join(lines))
     if args.append:
-        cmd = "python " + " ".join(sys.argv)
-        with open(args.append, "a") as f:
-            f.write(f"\n### {label} — {datetime.date.today()} — {machine()}\n\n`{cmd}`\n\n{header}\n\n"
-                    "| config | what | images/s |\n|---|---|---|\n" + "\n".join(lines) + "\n")
+        table = "| config | what | images/s |\n|---|---|---|\n" + "\n".join(lines)
+        append_section(args.append, label, f"{header}\n\n{table}")
 
 
 if __name__ == "__main__":

@@ -322,10 +322,10 @@ def test_two_processes_match_one_process(tmp_path):
     spec = importlib.util.spec_from_file_location("dist_quantizer_worker", path)
     worker = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(worker)
-    single = worker.train(world=1, rank=0, global_batch=8, steps=6)  # one process holding the global batch
+    single = worker.train(world=1, rank=0, global_batch=8, steps=6, names=["ema", "grad"])  # the whole batch
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(path), "--global-batch", "8", "--steps", "6",
+           str(path), "--global-batch", "8", "--steps", "6", "--configs", "ema,grad",
            "--out", str(tmp_path / "ddp.pt")]
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, f"torchrun failed:\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}"

@@ -24,6 +24,7 @@ from torch.utils.checkpoint import checkpoint
 
 from engine.errors import TesseraError
 from models.layers import Block, KVCache, make_norm, rope_2d_grid
+from models.priors.common import check_code_grid, class_labels, weight_decay_groups
 from models.registry import register_prior
 from samplers.ar import sample_autoregressive
 from samplers.logits import check_sampling_kwargs
@@ -125,49 +126,12 @@ class GPT(nn.Module):
 
     def _codes(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens [B, h, w] (or [B, h, w, 1]) -> codes [B, N], checked."""
-        if tokens.dim() == 4 and tokens.shape[-1] == 1:
-            tokens = tokens[..., 0]
-        if tokens.dim() != 3 or tuple(tokens.shape[1:]) != (self.h, self.w):
-            raise TesseraError(
-                f"gpt expects tokens [B, {self.h}, {self.w}], got {list(tokens.shape)}; "
-                "check that the prior was built for this tokenizer"
-            )
-        if tokens.dtype not in (torch.int64, torch.int32):
-            raise TesseraError(f"gpt expects integer code ids, got {tokens.dtype}")
-        if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= self.codebook_size):
-            raise TesseraError(
-                f"code ids must be in [0, {self.codebook_size}), "
-                f"got values in [{int(tokens.min())}, {int(tokens.max())}]"
-            )
-        return tokens.reshape(tokens.shape[0], -1).long()
+        return check_code_grid(tokens, (self.h, self.w), self.codebook_size, "gpt")
 
     def class_ids(self, cond: dict, batch: int, device, allow_missing: bool = False) -> torch.Tensor:
-        """Condition-table rows [B]: cond["class"], or the null row num_classes.
-
-        In training mode each label is replaced by the null class with probability class_dropout (for CFG).
-        A class-conditional model given no class uses the null class only when ``allow_missing`` (sampling).
-        """
-        null = torch.full((batch,), self.num_classes, dtype=torch.long, device=device)
-        labels = cond.get("class") if cond else None
-        if self.num_classes == 0:
-            if labels is not None:
-                raise TesseraError("this gpt is unconditional (num_classes=0) but cond has 'class'; drop it")
-            return null
-        if labels is None:
-            if allow_missing:
-                return null
-            raise TesseraError(
-                f"this gpt is class-conditional ({self.num_classes} classes) but cond has no 'class'"
-            )
-        labels = torch.as_tensor(labels, device=device).long().reshape(-1)
-        if labels.shape[0] != batch:
-            raise TesseraError(f"cond['class'] has {labels.shape[0]} labels for a batch of {batch}")
-        if int(labels.min()) < 0 or int(labels.max()) >= self.num_classes:
-            raise TesseraError(f"class labels must be in [0, {self.num_classes}), got {labels.tolist()[:8]}")
-        if self.training and self.class_dropout > 0:
-            dropped = torch.rand(batch, device=device) < self.class_dropout
-            labels = torch.where(dropped, null, labels)
-        return labels
+        """Condition-table rows [B]: cond["class"], or the null row num_classes (dropped in training for CFG)."""
+        drop = self.class_dropout if self.training else 0.0
+        return class_labels(cond, batch, self.num_classes, device, "gpt", drop_prob=drop, allow_missing=allow_missing)
 
     def _embed(self, ids: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
         """Condition rows [B] and codes [B, t] -> [B, n + t, dim]."""
@@ -274,11 +238,4 @@ class GPT(nn.Module):
         self.grad_checkpointing = enabled
 
     def configure_optimizer_groups(self, weight_decay: float) -> list[dict]:
-        """AdamW groups: weight decay on Linear weights only (not biases, norms, embeddings, positions)."""
-        embedding_ids = {id(m.weight) for m in self.modules() if isinstance(m, nn.Embedding)}
-        linear_ids = {id(m.weight) for m in self.modules() if isinstance(m, nn.Linear)} - embedding_ids
-        decay, no_decay = [], []
-        for p in self.parameters():
-            if p.requires_grad:
-                (decay if id(p) in linear_ids else no_decay).append(p)
-        return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        return weight_decay_groups(self, weight_decay)

@@ -179,3 +179,38 @@ class Decoder(nn.Module):
             if hasattr(level, "upsample"):
                 h = level.upsample(h)
         return self.conv_out(F.silu(self.norm_out(h)))
+
+
+class ConvTokenizer(nn.Module):
+    """The body every conv tokenizer shares: ``encoder`` -> ``quant_conv`` -> (bottleneck) -> ``post_quant_conv``
+    -> ``decoder``; subclasses add the bottleneck (vector, residual or Gaussian).
+
+    Args:
+        autoencoder: Encoder/Decoder kwargs (ch, ch_mult, num_res_blocks, attn_resolutions, dropout, resolution,
+            z_channels, mid_attn).
+        embed_dim: width of the latent between quant_conv and post_quant_conv.
+        moments: the encoder and quant_conv emit twice the channels (a Gaussian's mean and log-variance).
+        decoder: Decoder kwargs that differ from the encoder's (e.g. attn_resolutions).
+    """
+
+    def __init__(self, autoencoder: dict, embed_dim: int, moments: bool = False, decoder: dict | None = None):
+        super().__init__()
+        ae = dict(autoencoder)
+        ae.pop("double_z", None)
+        self.resolution = int(ae.get("resolution", 256))
+        self.stride = 2 ** (len(ae.get("ch_mult", (1, 1, 2, 2, 4))) - 1)
+        self.latent_size = self.resolution // self.stride
+        z_channels = int(ae.get("z_channels", 256))
+        factor = 2 if moments else 1
+        self.encoder = Encoder(**ae, double_z=moments)
+        self.decoder = Decoder(**{**ae, **(decoder or {})})
+        self.quant_conv = nn.Conv2d(factor * z_channels, factor * embed_dim, 1)
+        self.post_quant_conv = nn.Conv2d(embed_dim, z_channels, 1)
+
+    @property
+    def last_layer(self) -> torch.Tensor:
+        """The decoder's output conv weight (the GAN loss's adaptive weight is computed against it)."""
+        return self.decoder.last_layer
+
+    def set_grad_checkpointing(self, on: bool) -> None:
+        self.encoder.grad_checkpointing = self.decoder.grad_checkpointing = on

@@ -5,15 +5,14 @@ Tokens of one image: LongTensor[h, w] code ids. Parameter names match the publis
 """
 
 import torch
-from torch import nn
 
 from models.registry import register_tokenizer
-from models.tokenizers.autoencoder import Decoder, Encoder
+from models.tokenizers.autoencoder import ConvTokenizer
 from models.tokenizers.quantizers import VectorQuantizer
 
 
 @register_tokenizer("vq")
-class VQTokenizer(nn.Module):
+class VQTokenizer(ConvTokenizer):
     """x [B, 3, R, R] in [-1, 1] <-> ids [B, R/f, R/f], f = 2^(len(ch_mult)-1).
 
     Args:
@@ -27,29 +26,14 @@ class VQTokenizer(nn.Module):
     kind = "vq"
 
     def __init__(self, *, autoencoder: dict, embed_dim: int = 256, quantizer: dict):
-        super().__init__()
-        ae = dict(autoencoder)
-        self.resolution = int(ae.get("resolution", 256))
-        self.encoder = Encoder(**ae)
-        self.decoder = Decoder(**ae)
-        z_channels = int(ae.get("z_channels", 256))
-        self.quant_conv = nn.Conv2d(z_channels, embed_dim, 1)
-        self.post_quant_conv = nn.Conv2d(embed_dim, z_channels, 1)
+        super().__init__(autoencoder, embed_dim)
         q = dict(quantizer)
         q.setdefault("dim", embed_dim)
         if q["dim"] != embed_dim:
             q.setdefault("input_dim", embed_dim)
         self.quantize = VectorQuantizer(**q)
-        f = 2 ** (len(ae.get("ch_mult", (1, 1, 2, 2, 4))) - 1)
-        self.token_shape = (self.resolution // f, self.resolution // f)
+        self.token_shape = (self.latent_size, self.latent_size)
         self.codebook_size = int(q["codebook_size"])
-
-    @property
-    def last_layer(self) -> torch.Tensor:
-        return self.decoder.last_layer
-
-    def set_grad_checkpointing(self, on: bool) -> None:
-        self.encoder.grad_checkpointing = self.decoder.grad_checkpointing = on
 
     def forward(self, x):
         """Training forward: x [B,3,R,R] -> (x_hat [B,3,R,R], VQOutput with loss, ids and logs)."""

@@ -10,7 +10,7 @@ data.name picks the reader:
 
 from pathlib import Path
 
-from data.captions import CaptionDataset
+from data.captions import CaptionDataset, CaptionTrainingSet, cache_rows
 from data.folders import FlatFolderDataset, ImageFolderDataset, LSUNDataset
 from data.shapes import CLASSES, default_shapes_root, ensure_shapes
 from engine.errors import TesseraError
@@ -26,6 +26,8 @@ DATA_DEFAULTS: dict = {
     "num_train": 10000,
     "num_val": 1000,
     "seed": 0,
+    "captions": None,  # text priors: caption format shapes | coco | cub | tsv (null = no captions)
+    "captions_path": None,  # the caption file/folder; "{split}" is replaced by the split (shapes: its own)
 }
 DATASET_NAMES = ("shapes", "imagefolder", "folder", "lsun")
 
@@ -81,13 +83,32 @@ def build_dataset(data_cfg, split: str):
 
 
 def build_caption_dataset(data_cfg, split: str) -> CaptionDataset:
-    """(image, caption) pairs; shapes only for now: <root>/<split>/captions.jsonl."""
+    """(image, caption) pairs of the images build_dataset reads for `split`.
+
+    shapes: <root>/<split>/captions.jsonl. Other sets: data.captions names the format (coco | cub | tsv) and
+    data.captions_path the caption json / text folder / tsv ("{split}" in it is replaced by the split).
+    """
     o = _options(data_cfg)
-    if o["name"] != "shapes":
-        raise TesseraError(f"captions are available for data.name=shapes, not {o['name']!r}")
-    split_dir = shapes_root(data_cfg) / split
-    return CaptionDataset(split_dir, split_dir / "captions.jsonl", o["resolution"], o["random_flip"])
+    if o["name"] == "shapes":
+        split_dir = shapes_root(data_cfg) / split
+        path = o["captions_path"].format(split=split) if o["captions_path"] else split_dir / "captions.jsonl"
+        return CaptionDataset(split_dir, path, o["resolution"], o["random_flip"], format=o["captions"] or "shapes")
+    if o["captions"] is None or o["captions_path"] is None:
+        raise TesseraError(f"captions for data.name={o['name']} need data.captions (coco | cub | tsv) and "
+                           "data.captions_path (the caption json, text folder or tsv)")
+    if o["name"] == "lsun":
+        raise TesseraError("data.name=lsun has no caption files; use a folder or imagefolder data set")
+    return CaptionDataset(_split_dir(o["root"], split), str(o["captions_path"]).format(split=split),
+                          o["resolution"], o["random_flip"], format=o["captions"])
 
 
-__all__ = ["DATA_DEFAULTS", "CLASSES", "build_dataset", "build_caption_dataset", "shapes_root",
+def caption_training_set(data_cfg, images, token_cache=None) -> CaptionTrainingSet:
+    """What a text prior trains on: (image or cached tokens, caption), flips as extra items when
+    data.random_flip. `images` is build_dataset(data_cfg, "train") (its files index the token cache)."""
+    captions = build_caption_dataset(dict(data_cfg, random_flip=False), "train")
+    rows = cache_rows(captions.records, images.files, images.root) if token_cache is not None else None
+    return CaptionTrainingSet(captions, bool(_options(data_cfg)["random_flip"]), token_cache, rows)
+
+
+__all__ = ["DATA_DEFAULTS", "CLASSES", "build_dataset", "build_caption_dataset", "caption_training_set", "shapes_root",
            "ImageFolderDataset", "FlatFolderDataset", "LSUNDataset", "CaptionDataset"]

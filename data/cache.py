@@ -8,6 +8,10 @@ Layout of a cache directory::
 
 A tokenizer may define ``cache_encode(x)`` (e.g. posterior moments for a KL tokenizer); otherwise
 ``encode(x)`` is stored.
+
+Code remapping: ``write_codes_used(cache_dir, out)`` lists the code ids a VQ cache uses (both variants) in
+``codes_used.npy`` (int64, sorted); a prior with ``model.remap=RUN/codes_used.npy`` then models only those
+codes (``python main_tokenizer.py --remap --run-dir RUN`` writes RUN/codes_used.npy from RUN/cache/train).
 """
 
 import json
@@ -89,3 +93,22 @@ class TokenCacheDataset(Dataset):
     def __getitem__(self, i):
         t = torch.from_numpy(np.array(self.tokens[i]))
         return (t.long() if t.dtype == torch.int32 else t), int(self.labels[i])
+
+
+def write_codes_used(cache_dir: Path, out_path: Path) -> tuple[Path, int]:
+    """Write the sorted ids of every code the VQ token cache at `cache_dir` uses -> (out_path, count)."""
+    cache_dir, out_path = Path(cache_dir), Path(out_path)
+    if not (cache_dir / "meta.json").is_file():
+        raise TesseraError(f"no token cache at {cache_dir}; write one with: python main_tokenizer.py --cache "
+                           "--run-dir RUN_DIR")
+    tokens = np.load(cache_dir / "tokens.npy", mmap_mode="r")
+    if tokens.dtype.kind not in "iu":
+        raise TesseraError(f"token cache {cache_dir} holds {tokens.dtype} latents, not code ids; remapping "
+                           "is for VQ tokenizers")
+    used = np.zeros(0, dtype=np.int64)
+    for start in range(0, len(tokens), 4096):
+        used = np.union1d(used, np.unique(np.asarray(tokens[start : start + 4096])))
+    tmp = out_path.with_name(out_path.stem + ".tmp.npy")
+    np.save(tmp, used.astype(np.int64))
+    tmp.replace(out_path)
+    return out_path, int(used.size)

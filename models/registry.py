@@ -12,6 +12,7 @@ PRIORS: dict[str, type] = {}
 
 TOKENIZER_MODULES = {
     "vq": "models.tokenizers.vq",
+    "vq_gumbel": "models.tokenizers.gumbel",
     "rq": "models.tokenizers.rq",
     "kl": "models.tokenizers.kl",
 }

@@ -55,13 +55,28 @@ def labels_for(indices, num_classes: int, fixed_class):
     return None
 
 
-def load_captions(path, n):
+def read_caption_records(path) -> list[dict]:
+    """--captions: a .txt (one caption a line) or a .jsonl of {"caption": ..., optional "label": ...}."""
     lines = [ln.strip() for ln in Path(path).read_text().splitlines() if ln.strip()]
-    if path.endswith(".jsonl"):
-        lines = [json.loads(ln)["caption"] for ln in lines]
-    if not lines:
+    records = [json.loads(ln) for ln in lines] if str(path).endswith(".jsonl") else [{"caption": c} for c in lines]
+    if not records:
         raise TesseraError(f"no captions in {path}")
-    return [lines[i % len(lines)] for i in range(n)]
+    return records
+
+
+def load_captions(path, n):
+    """Caption of sample i: line i mod the number of lines."""
+    records = read_caption_records(path)
+    return [records[i % len(records)]["caption"] for i in range(n)]
+
+
+def caption_labels(path, n):
+    """Labels of the captions of samples 0..n-1 when every record has one (shapes captions.jsonl), else None;
+    they go to the .npz as arr_1, so compute_fid.py --shapes reports how often a sample shows its caption."""
+    records = read_caption_records(path)
+    if not all("label" in r for r in records):
+        return None
+    return [int(records[i % len(records)]["label"]) for i in range(n)]
 
 
 class Generator:
@@ -226,6 +241,8 @@ def finish(args, out: Path, img_dir: Path, num_classes: int, gen: Generator) -> 
     npz = out.with_suffix(".npz") if out.suffix != ".npz" else out
     payload = {"arr_0": arr}
     labels = labels_for(range(args.num_samples), num_classes, args.fixed_class)
+    if labels is None and args.captions:
+        labels = caption_labels(args.captions, args.num_samples)
     if labels is not None:
         payload["arr_1"] = np.asarray(labels, dtype=np.int64)
     tmp = npz.with_name(f".{npz.stem}.tmp.npz")

@@ -6,6 +6,17 @@ import torch.nn as nn
 from engine.errors import TesseraError
 
 
+def one_code_grid(token_shape, prior: str) -> tuple[int, int]:
+    """A tokenizer's token_shape -> (h, w) for priors that model one code per cell: (h, w) or (h, w, 1)."""
+    token_shape = tuple(int(s) for s in token_shape)
+    if len(token_shape) == 3 and token_shape[2] != 1:
+        raise TesseraError(f"{prior} models one code per cell but the tokenizer gives {token_shape[2]} codes per "
+                           "cell (rq depth > 1); use the rqtransformer prior or an rq tokenizer with depth 1")
+    if len(token_shape) not in (2, 3):
+        raise TesseraError(f"{prior} needs a 2-D token grid (h, w), got token_shape {token_shape}")
+    return token_shape[0], token_shape[1]
+
+
 def check_code_grid(tokens: torch.Tensor, shape: tuple, codebook_size: int, prior: str,
                     what: str = "tokens") -> torch.Tensor:
     """tokens [B, *shape] of integer code ids -> LongTensor [B, prod(shape)], or one line saying what is wrong.

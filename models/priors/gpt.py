@@ -24,7 +24,7 @@ from torch.utils.checkpoint import checkpoint
 
 from engine.errors import TesseraError
 from models.layers import Block, KVCache, make_norm, rope_2d_grid
-from models.priors.common import check_code_grid, class_labels, weight_decay_groups
+from models.priors.common import check_code_grid, class_labels, one_code_grid, weight_decay_groups
 from models.registry import register_prior
 from samplers.ar import sample_autoregressive
 from samplers.logits import check_sampling_kwargs
@@ -57,13 +57,7 @@ class GPT(nn.Module):
     ):
         super().__init__()
         token_shape = tuple(int(s) for s in token_shape)
-        if len(token_shape) == 3 and token_shape[2] != 1:
-            raise TesseraError(
-                f"gpt models one code per cell but the tokenizer gives {token_shape[2]} codes per cell "
-                "(rq depth > 1); use the rqtransformer prior or an rq tokenizer with depth 1"
-            )
-        if len(token_shape) not in (2, 3):
-            raise TesseraError(f"gpt needs a 2-D token grid (h, w), got token_shape {token_shape}")
+        one_code_grid(token_shape, "gpt")
         if pos not in ("learned", "rope2d"):
             raise TesseraError(f"model.pos='{pos}' is not one of: learned, rope2d")
         if dim % heads:

@@ -27,7 +27,7 @@ from torch import nn
 
 from engine.errors import TesseraError
 from models.layers import Block
-from models.priors.common import check_code_grid, class_labels, weight_decay_groups
+from models.priors.common import check_code_grid, class_labels, one_code_grid, weight_decay_groups
 from models.priors.hourglass import HourglassTransformer
 from models.registry import register_prior
 from samplers.logits import cfg_combine, cfg_scale_at, check_sampling_kwargs
@@ -74,13 +74,7 @@ class SUNDAE(nn.Module):
     ):
         super().__init__()
         token_shape = tuple(int(s) for s in token_shape)
-        if len(token_shape) == 3 and token_shape[2] != 1:
-            raise TesseraError(
-                f"sundae models one code per cell but the tokenizer gives {token_shape[2]} codes per cell "
-                "(rq depth > 1); use an rq tokenizer with depth 1 or a vq tokenizer"
-            )
-        if len(token_shape) not in (2, 3):
-            raise TesseraError(f"sundae needs a 2-D token grid (h, w), got token_shape {token_shape}")
+        one_code_grid(token_shape, "sundae")
         if int(unroll_steps) != unroll_steps or unroll_steps < 1:
             raise TesseraError(f"model.unroll_steps={unroll_steps} must be an integer >= 1 (published: 2 or 3)")
         if condition == "auto":

@@ -304,14 +304,15 @@ SAMPLES = 128  # 16 per class
 
 @pytest.fixture(scope="module")
 def sundae_runs(shapes_vq, tmp_path_factory):
-    """The shapes configs trained as shipped: class-conditional and unconditional side by side (one thread each),
-    then the unconditional model stopped after 5 steps (the weak baseline)."""
+    """The shapes configs (400 steps, half the class-conditional one's budget): class-conditional and unconditional
+    side by side (one thread each), then the unconditional model stopped after 5 steps (the weak baseline)."""
     base = tmp_path_factory.mktemp("sundae")
     cache = f"train.cache={shapes_vq / 'cache' / 'train'}"
     runs = {name: base / name for name in ("cond", "uncond", "weak")}
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     procs = [subprocess.Popen([sys.executable, "main_prior.py", "--config", f"configs/shapes/prior/{config}.yaml",
-                               "--tokenizer", str(shapes_vq), "--run-dir", str(runs[name]), cache],
+                               "--tokenizer", str(shapes_vq), "--run-dir", str(runs[name]), cache,
+                               "train.max_steps=400"],
                               cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for name, config in (("cond", "sundae"), ("uncond", "sundae_uncond"))]
     for proc in procs:

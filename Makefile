@@ -3,6 +3,8 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# test processes (pytest-xdist), one thread each; files are the unit of distribution
+TEST_WORKERS ?= 2
 
 .PHONY: install quickstart test lint bench clean
 
@@ -19,7 +21,7 @@ quickstart: install
 
 test: install
 	$(PY) -m ruff check .
-	$(PY) -m pytest -q
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 lint: install
 	$(PY) -m ruff check .

@@ -19,9 +19,7 @@ from models.convert import taming, vqdiffusion
 from samplers.rng import streams
 from tests.conftest import run_cli
 
-KEYS = Path("/work/shared/reference/keys")
-if not KEYS.is_dir():
-    KEYS = Path(__file__).resolve().parents[2] / "shared" / "reference" / "keys"
+KEYS = Path(__file__).resolve().parent / "data" / "keys"  # published state-dict key listings
 
 
 def read_listing(name: str) -> dict[str, tuple]:

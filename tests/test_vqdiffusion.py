@@ -382,7 +382,7 @@ def shapes_accuracy(npz_path, labels) -> float:
 def test_class_conditional_shapes(shapes_vq, tmp_path):
     run = tmp_path / "vqd"
     run_cli("main_prior.py", "--config", "configs/shapes/prior/vqdiffusion.yaml", "--tokenizer", shapes_vq,
-            "--run-dir", run, f"train.cache={shapes_vq}/cache/train")
+            "--run-dir", run, f"train.cache={shapes_vq}/cache/train", "train.max_steps=300")  # the test budget
     out = tmp_path / "samples"
     run_cli("main_sample.py", "--prior", run, "--num-samples", 48, "--batch-size", 48, "--out", out)
     accuracy = shapes_accuracy(out.with_suffix(".npz"), [i % 8 for i in range(48)])

@@ -397,7 +397,7 @@ def test_caption_conditional_shapes(shapes_vq, tmp_path):
 
     run = tmp_path / "vqd_text"
     run_cli("main_prior.py", "--config", "configs/shapes/prior/vqdiffusion_caption.yaml", "--tokenizer", shapes_vq,
-            "--run-dir", run, f"train.cache={shapes_vq}/cache/train")
+            "--run-dir", run, f"train.cache={shapes_vq}/cache/train", "train.max_steps=400")  # the test budget
     records = build_caption_dataset({"name": "shapes"}, "val").records[::25][:40]  # 5 per class
     captions = tmp_path / "captions.txt"
     captions.write_text("".join(r["caption"] + "\n" for r in records))

@@ -7,6 +7,7 @@
     python main_tokenizer.py --reconstruct --run-dir runs/vq   # original | reconstruction grid PNG
     python main_tokenizer.py --cache --run-dir runs/vq         # token cache (with flips) for prior training
     python main_tokenizer.py --remap --run-dir runs/vq         # codes_used.npy (needs the cache) for model.remap
+    python main_tokenizer.py --compute-scale --run-dir runs/kl # KL: scale_factor = 1/std of sampled latents
 """
 
 import collections
@@ -184,12 +185,85 @@ def remap(args):
     print(f"wrote {path}: {count} codes used; train a prior on them with model.remap={path.resolve()}")
 
 
+@torch.no_grad()
+def compute_scale(args, cfg, env):
+    """scale_factor = 1 / std of posterior samples over the training split (all of it, or --num-images).
+
+    The value is written into the ``scale_factor`` buffer of the run's weights (checkpoints/last.pt, raw and
+    EMA, and model.safetensors), which is what load_tokenizer reads, and recorded in RUN_DIR/scale_factor.json.
+    Periodic checkpoints (step_*.pt) are left as they were. Priors trained before a new scale was computed
+    must be retrained: their tokens were scaled by the old value.
+    """
+    from models import load_tokenizer
+    from models.tokenizers.kl import DiagonalGaussian
+
+    tok = load_tokenizer(args.run_dir, env.device)
+    if getattr(tok, "scale_factor", None) is None or not hasattr(tok, "cache_encode"):
+        raise TesseraError(f"--compute-scale applies to tokenizers with a latent scale_factor (kind kl); "
+                           f"{args.run_dir} holds a '{tok.kind}' tokenizer")
+    dataset = build_data(cfg, "train")
+    n = len(dataset) if args.num_images is None else min(args.num_images, len(dataset))
+    subset = torch.utils.data.Subset(dataset, list(range(env.rank, n, env.world_size)))
+    gen = torch.Generator(device=env.device).manual_seed(int(cfg.train.seed) + env.rank)
+    stats = torch.zeros(3, dtype=torch.float64, device=env.device)  # count, sum, sum of squares
+    for x, _ in torch.utils.data.DataLoader(subset, batch_size=args.batch_size, shuffle=False):
+        z = DiagonalGaussian(tok.cache_encode(x.to(env.device))).sample(gen).double()
+        stats += torch.stack([torch.tensor(float(z.numel()), dtype=torch.float64, device=z.device), z.sum(),
+                              z.pow(2).sum()])
+    dist.all_reduce_sum(stats)
+    count, total, squares = stats.tolist()
+    mean = total / count
+    std = max(squares / count - mean**2, 0.0) ** 0.5
+    if not std > 0:
+        raise TesseraError(f"the latents of {args.run_dir} have zero spread; is the tokenizer trained?")
+    scale = 1.0 / std
+    if env.is_main:
+        written = store_scale_factor(Path(args.run_dir), scale)
+        record = {"scale_factor": scale, "latent_mean": mean, "latent_std": std, "num_images": n}
+        (Path(args.run_dir) / "scale_factor.json").write_text(json.dumps(record, indent=2))
+        print(f"scale_factor = 1 / {std:.6f} = {scale:.6f} (latent mean {mean:.4f}, {n} images); "
+              f"written to {', '.join(written)}")
+    dist.barrier()
+
+
+def store_scale_factor(run_dir: Path, scale: float) -> list[str]:
+    """Set the ``scale_factor`` entry of every weights file load_tokenizer may read (atomically)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from engine.checkpoint import atomic_save, export_safetensors, load
+
+    value = torch.tensor(float(scale))
+    written = []
+    ckpt = run_dir / "checkpoints" / "last.pt"
+    if ckpt.is_file():
+        state = load(ckpt)
+        for section in ("modules", "ema"):
+            if "model" in state.get(section, {}):
+                state[section]["model"]["scale_factor"] = value.clone()
+        atomic_save(state, ckpt)
+        written.append(str(ckpt))
+    st = run_dir / "model.safetensors"
+    if st.is_file():
+        with safe_open(str(st), "pt") as f:
+            metadata = f.metadata() or {}
+        tensors = load_file(str(st))
+        tensors["scale_factor"] = value.clone()
+        export_safetensors(tensors, st, metadata)
+        written.append(str(st))
+    if not written:
+        raise TesseraError(f"no weights in {run_dir} to store the scale factor in")
+    return written
+
+
 def main():
     p = base_parser(__doc__.splitlines()[0])
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--eval", action="store_true", help="reconstruction metrics on --split")
     mode.add_argument("--reconstruct", action="store_true", help="write an original | reconstruction grid")
     mode.add_argument("--cache", action="store_true", help="encode the training set (and its flips) to tokens")
+    mode.add_argument("--compute-scale", action="store_true",
+                      help="KL: set scale_factor to 1/std of sampled latents over the training set")
     mode.add_argument("--remap", action="store_true",
                       help="write RUN_DIR/codes_used.npy: the codes RUN_DIR/cache/train uses (for model.remap)")
     p.add_argument("--split", default="val")
@@ -200,7 +274,7 @@ def main():
     p.add_argument("--inception-weights", default=None, help="pt_inception weights file, for rFID")
     p.add_argument("--lpips-weights", default=None, help="torchvision VGG16 weights file, for LPIPS")
     args = p.parse_args()
-    training = not (args.eval or args.reconstruct or args.cache or args.remap)
+    training = not (args.eval or args.reconstruct or args.cache or args.remap or args.compute_scale)
     cfg = resolve_run_config(args, sections(), training)
     env = dist.setup(args.local_rank, args.device)
     try:
@@ -214,6 +288,8 @@ def main():
         elif args.remap:
             if env.is_main:
                 remap(args)
+        elif args.compute_scale:
+            compute_scale(args, cfg, env)
         else:
             cache(args, cfg, env)
     finally:

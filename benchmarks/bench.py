@@ -88,6 +88,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokenizer", help="tokenizer config (random weights)")
     p.add_argument("--prior-run", help="a trained prior run directory instead of configs")
     p.add_argument("--num-classes", type=int, default=8)
+    p.add_argument("--model", nargs="*", default=[], help="prior model overrides key=value (with --prior)")
     p.add_argument("--sampling", nargs="*", default=[], help="sampling overrides key=value")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
 
@@ -102,6 +103,7 @@ def load_model(args) -> tuple:
         if not (args.prior and args.tokenizer):
             raise SystemExit("give --prior-run RUN_DIR, or both --prior and --tokenizer configs")
         pcfg, tcfg = OmegaConf.load(args.prior), OmegaConf.load(args.tokenizer)
+        pcfg.model = OmegaConf.merge(pcfg.model, OmegaConf.from_dotlist(getattr(args, "model", [])))
         tokenizer = build_tokenizer(tcfg.model).to(device).eval()
         prior = build_prior(pcfg.model, tokenizer, num_classes=args.num_classes).to(device).eval()
         sampling = dict(pcfg.get("sampling", {}))

@@ -68,3 +68,22 @@ def shapes_vq(tmp_path_factory):
                     *SHAPES_VQ_TEST)
             run_cli("main_tokenizer.py", "--cache", "--run-dir", run_dir)
     return run_dir
+
+
+SHAPES_KL_TEST = ["train.max_steps=400", "train.log_every=50", "train.ckpt_every=400"]
+
+
+@pytest.fixture(scope="session")
+def shapes_kl(tmp_path_factory):
+    """A KL tokenizer trained briefly on the shapes set (4 x 8 x 8 latents), its scale factor computed and its
+    latent cache in RUN_DIR/cache/train. Shared by the KL tokenizer and MAR tests."""
+    folder = shared_dir(tmp_path_factory, "shapes-kl")
+    run_dir = folder / "run"
+    with build_once(folder) as build:
+        if build:
+            shutil.rmtree(run_dir, ignore_errors=True)
+            run_cli("main_tokenizer.py", "--config", "configs/shapes/tokenizer/kl.yaml", "--run-dir", run_dir,
+                    *SHAPES_KL_TEST)
+            run_cli("main_tokenizer.py", "--compute-scale", "--run-dir", run_dir)
+            run_cli("main_tokenizer.py", "--cache", "--run-dir", run_dir)
+    return run_dir

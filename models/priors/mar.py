@@ -29,6 +29,7 @@ from torch.utils.checkpoint import checkpoint
 
 from engine.errors import TesseraError
 from models.layers import Attention
+from models.priors.common import class_labels
 from models.priors.diffloss import DiffLoss, check_diffusion_steps
 from models.registry import register_prior
 from samplers.logits import check_sampling_kwargs
@@ -185,26 +186,13 @@ class MAR(nn.Module):
 
     def class_vectors(self, cond: dict, batch: int, device, allow_missing: bool = False) -> torch.Tensor:
         """[B, encoder_dim]: class_emb rows, the null class where there is no label (or a dropped one)."""
+        drop = self.label_drop_prob if self.training else 0.0
+        labels = class_labels(cond, batch, self.num_classes, device, "mar", drop_prob=drop, allow_missing=allow_missing)
         null = self.fake_latent.expand(batch, -1)
-        labels = cond.get("class") if cond else None
         if self.num_classes == 0:
-            if labels is not None:
-                raise TesseraError("this mar is unconditional (num_classes=0) but cond has 'class'; drop it")
             return null
-        if labels is None:
-            if allow_missing:
-                return null
-            raise TesseraError(f"this mar is class-conditional ({self.num_classes} classes) but cond has no 'class'")
-        labels = torch.as_tensor(labels, device=device).long().reshape(-1)
-        if labels.shape[0] != batch:
-            raise TesseraError(f"cond['class'] has {labels.shape[0]} labels for a batch of {batch}")
-        if int(labels.min()) < 0 or int(labels.max()) >= self.num_classes:
-            raise TesseraError(f"class labels must be in [0, {self.num_classes}), got {labels.tolist()[:8]}")
-        vec = self.class_emb(labels)
-        if self.training and self.label_drop_prob > 0:
-            dropped = torch.rand(batch, device=device) < self.label_drop_prob
-            vec = torch.where(dropped[:, None], null.to(vec.dtype), vec)
-        return vec
+        vec = self.class_emb(labels.clamp(max=self.num_classes - 1))
+        return torch.where((labels == self.num_classes)[:, None], null.to(vec.dtype), vec)
 
     # ------------------------------------------------------------------ the transformer
 

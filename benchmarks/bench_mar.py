@@ -37,9 +37,9 @@ class HeadTimer:
         return out
 
 
-def time_num_iter(prior, tokenizer, sampling: dict, num_iter: int, batch: int, repeats: int, device) -> tuple:
-    """-> (s / image in prior.sample, s / image inside DiffLoss, s / image decoding)."""
-    timer = prior.diffloss.sample if isinstance(prior.diffloss.sample, HeadTimer) else HeadTimer(prior.diffloss)
+def time_num_iter(prior, tokenizer, timer: HeadTimer, sampling: dict, num_iter: int, batch: int, repeats: int,
+                  device) -> tuple:
+    """-> (s / image in prior.sample, s / image inside DiffLoss (``timer`` wraps it), s / image decoding)."""
     timer.seconds = total = decode = 0.0
     cond = cond_for(prior, batch, device)
     for r in range(repeats):
@@ -76,7 +76,8 @@ def main():
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     with torch.no_grad(), autocast:
         prior.sample(cond_for(prior, 2, device), streams(0, range(2), device), **{**sampling, "num_iter": 2})
-        rows = [(n, *time_num_iter(prior, tokenizer, sampling, n, args.batch, args.repeats, device))
+        timer = HeadTimer(prior.diffloss)
+        rows = [(n, *time_num_iter(prior, tokenizer, timer, sampling, n, args.batch, args.repeats, device))
                 for n in num_iters]
     n_params = sum(q.numel() for q in prior.parameters())
     head_params = sum(q.numel() for q in prior.diffloss.parameters())
